@@ -104,6 +104,27 @@ class ReservedPath(InvalidInput):
     code, errno = "reserved_path", _errno.EPERM
 
 
+class StaleRequest(AfsError):
+    """A write whose ``seq`` is lower than the last one the state machine remembers for its
+    ``client_id``: its result is no longer known, and it was not applied."""
+
+    code, errno, exit_code = "stale_request", _errno.ESTALE, ExitCode.ERROR
+
+
+class UnsupportedFormat(AfsError):
+    """Encoded data (log command, snapshot) has a format version this build cannot read.
+    Raised, never returned: a member must not apply a log it cannot understand."""
+
+    code, errno = "unsupported_format", _errno.EPROTO
+
+
+class RevisionGap(AfsError):
+    """A replica was given events that do not follow its revision (a skipped or repeated
+    revision); the replica is unchanged and must resync (snapshot or resume)."""
+
+    code, errno = "revision_gap", _errno.ESTALE
+
+
 class PermissionDenied(AfsError):
     code, errno, exit_code = "permission_denied", _errno.EACCES, ExitCode.PERMISSION
 
@@ -119,7 +140,8 @@ class Unavailable(AfsError):
 
 
 class NotLeader(Unavailable):
-    """Sent with ``details.leader`` (client address of the leader, if known)."""
+    """Sent with ``details.leader`` (the leader's member name, "" if unknown) and
+    ``details.leader_addr`` (its client address, "" if unknown)."""
 
     code = "not_leader"
 
