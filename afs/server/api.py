@@ -29,11 +29,11 @@ def _bool(req: dict, key: str) -> bool:
     return v
 
 
-def _path(req: dict, key: str = "path") -> str:
+def _path(req: dict, max_depth: int, key: str = "path") -> str:
     p = req.get(key)
     if not isinstance(p, str):
         raise errors.InvalidPath(f"'{key}' must be a string path")
-    return paths.normalize(p)
+    return paths.normalize(p, max_depth=max_depth)
 
 
 class ClientApi:
@@ -90,27 +90,27 @@ class ClientApi:
             await self.server.node.read_barrier(self.server.cfg.request_timeout)
 
     async def get(self, req, send):
-        path = _path(req)
+        path = _path(req, self.server.cfg.limits.max_depth)
         await self._read_point(req)
         tree = self.server.tree
         data, stat = tree.get(path)
         return {"data": data, "stat": stat.to_dict(), "revision": tree.revision}
 
     async def stat(self, req, send):
-        path = _path(req)
+        path = _path(req, self.server.cfg.limits.max_depth)
         await self._read_point(req)
         tree = self.server.tree
         return {"stat": tree.stat(path).to_dict(), "revision": tree.revision}
 
     async def list(self, req, send):
-        path = _path(req)
+        path = _path(req, self.server.cfg.limits.max_depth)
         await self._read_point(req)
         tree = self.server.tree
         return {"children": [[name, st.to_dict()] for name, st in tree.list(path)],
                 "revision": tree.revision}
 
     async def walk(self, req, send):
-        path = _path(req)
+        path = _path(req, self.server.cfg.limits.max_depth)
         with_data = _bool(req, "data")
         await self._read_point(req)
         tree = self.server.tree
@@ -192,7 +192,7 @@ class ClientApi:
 
     # ------------------------------------------------------------ watches
     async def watch(self, req, send):
-        prefix = _path(req)
+        prefix = _path(req, self.server.cfg.limits.max_depth)
         start = req.get("start_revision")
         if start is not None and (not isinstance(start, int) or start < 0):
             raise errors.InvalidInput("'start_revision' must be a non-negative integer")

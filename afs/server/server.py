@@ -32,13 +32,34 @@ def split_addr(addr: str) -> tuple[str, int]:
     return host or "127.0.0.1", int(port)
 
 
+class _PublishingStateMachine:
+    """The StateMachine the Raft node drives: applies to the key tree and hands each
+    revision's events to the watch hub (same thread, in log order)."""
+
+    def __init__(self, fsm: TreeStateMachine, hub: WatchHub):
+        self.fsm = fsm
+        self.hub = hub
+
+    def apply(self, index: int, data: bytes):
+        result, events = self.fsm.apply(index, data)
+        if events:
+            self.hub.publish(events[0].revision, events)
+        return result
+
+    def snapshot(self) -> bytes:
+        return self.fsm.snapshot()
+
+    def restore(self, data: bytes) -> None:
+        self.fsm.restore(data)
+
+
 class Server:
     def __init__(self, cfg: ServerConfig):
         cfg.validate()
         self.cfg = cfg
         self.metrics = Metrics()
         self.hub = WatchHub(max_revisions=cfg.history_revisions, max_bytes=cfg.history_bytes)
-        self.fsm = TreeStateMachine(on_events=self._on_events, limits=cfg.limits)
+        self.fsm = TreeStateMachine()
         self.api = ClientApi(self)
         self.node: RaftNode | None = None
         self.transport: TcpTransport | None = None
@@ -63,7 +84,8 @@ class Server:
         storage = RaftStorage.open(os.path.join(cfg.data_dir, "raft"), fsync=cfg.fsync)
         bootstrap = {name: {"peer_addr": addr, "client_addr": cfg.client_addr if name == cfg.name else ""}
                      for name, addr in cfg.initial_cluster.items()}
-        self.node = RaftNode(cfg.name, storage, self.fsm, config=cfg.raft, bootstrap=bootstrap,
+        self.node = RaftNode(cfg.name, storage, _PublishingStateMachine(self.fsm, self.hub), config=cfg.raft,
+                             bootstrap=bootstrap,
                              on_snapshot_installed=self._on_snapshot_installed, on_fatal=self._on_fatal)
         self.hub.reset(self.tree.revision)
         self.transport = TcpTransport(
@@ -112,9 +134,6 @@ class Server:
         addr = info.get("client_addr") if isinstance(info, dict) else None
         if isinstance(addr, str) and addr:
             self.peer_client_addrs[peer] = addr
-
-    def _on_events(self, revision: int, events) -> None:
-        self.hub.publish(revision, events)
 
     def _on_snapshot_installed(self, meta) -> None:
         # The tree jumped to the snapshot's revision: watch history restarts there.
