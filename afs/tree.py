@@ -167,6 +167,19 @@ class KeyTree:
             raise self._not_found(path)
         return node
 
+    def node_entry(self, path: str) -> tuple[Stat, bytes | None, tuple[str, ...] | None] | None:
+        """``(stat, data, children)`` of ``path`` (children sorted; data None for a directory,
+        children None for a file), or None if missing. For replicas that build read views."""
+        n = self._nodes.get(path)
+        if n is None:
+            return None
+        return (n.stat, n.data, tuple(sorted(n.children)) if n.children is not None else None)
+
+    def all_entries(self) -> dict[str, tuple[Stat, bytes | None, tuple[str, ...] | None]]:
+        """Every node as :meth:`node_entry` gives it (O(n); for building a replica view)."""
+        return {p: (n.stat, n.data, tuple(sorted(n.children)) if n.children is not None else None)
+                for p, n in self._nodes.items()}
+
     def stat(self, path: str) -> Stat:
         """Stat of the node at a normalised ``path``; NotFound / NotADirectory."""
         return self._node(path).stat

@@ -1,0 +1,199 @@
+"""Fixtures for real FUSE mounts.
+
+The daemon (``python -m afs.fs``) always runs in a SUBPROCESS: a process that serves a FUSE
+mount and also reads it can deadlock. It serves an in-memory replica built from a JSON fixture
+and is driven through a unix control socket (apply a revision -> swap -> invalidate -> reply).
+Teardown always unmounts (``fusermount3 -u``, then ``-u -z``) and kills only the daemon PID.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def fuse_available() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if shutil.which("fusermount3") is None:
+        return "no fusermount3"
+    if os.geteuid() != 0:
+        return "the mount tests run as root (allow_other, setuid children)"
+    return None
+
+
+class Control:
+    """Client of the daemon's control socket (one JSON line per request/reply)."""
+
+    def __init__(self, path: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.f = self.sock.makefile("rwb")
+
+    def call(self, **req) -> dict:
+        self.f.write(json.dumps(req).encode() + b"\n")
+        self.f.flush()
+        line = self.f.readline()
+        if not line:
+            raise RuntimeError("control channel closed")
+        resp = json.loads(line)
+        if not resp.get("ok"):
+            raise RuntimeError(f"control call failed: {resp}")
+        return resp
+
+    def apply(self, put: dict | None = None, delete: list[str] | None = None) -> dict:
+        return self.call(op="apply", put=put or {}, delete=delete or [])
+
+    def close(self) -> None:
+        try:
+            self.f.close()
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class MountedFs:
+    def __init__(self, mnt: Path, proc: subprocess.Popen, ctl: Control, log: Path):
+        self.mnt, self.proc, self.ctl, self.log = mnt, proc, ctl, log
+
+    def p(self, path: str) -> str:
+        return str(self.mnt) + path
+
+
+def start_daemon(tmp: Path, fixture: dict, *extra: str, name: str = "mnt") -> MountedFs:
+    mnt = tmp / name
+    try:
+        mnt.mkdir()
+    except FileExistsError:         # also a dead mount (stat: ENOTCONN)
+        pass
+    os.chmod(tmp, 0o755)            # other uids must reach the mount point
+    fx = tmp / f"{name}.json"
+    fx.write_text(json.dumps(fixture))
+    sock = tmp / f"{name}.sock"
+    log = tmp / f"{name}.log"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    with open(log, "wb") as lf:
+        proc = subprocess.Popen([sys.executable, "-m", "afs.fs", str(mnt), "--fixture", str(fx),
+                                 "--control", str(sock), *extra],
+                                stdout=lf, stderr=subprocess.STDOUT, env=env, cwd=str(tmp))
+    deadline = time.monotonic() + 15
+    ctl = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited {proc.returncode}: {log.read_text()}")
+        if ctl is None and sock.exists():
+            try:
+                ctl = Control(str(sock))
+            except OSError:
+                ctl = None
+        if ctl is not None and os.path.ismount(mnt):
+            try:
+                os.stat(mnt / ".afs")     # forces INIT + a lookup: kernel connected
+                if ctl.call(op="ping")["ready"]:
+                    return MountedFs(mnt, proc, ctl, log)
+            except OSError:
+                pass
+        time.sleep(0.05)
+    stop_daemon(MountedFs(mnt, proc, ctl, log) if ctl else None, mnt=mnt, proc=proc)
+    raise RuntimeError(f"mount did not come up: {log.read_text()}")
+
+
+def stop_daemon(m: MountedFs | None, mnt: Path | None = None,
+                proc: subprocess.Popen | None = None) -> None:
+    mnt = m.mnt if m else mnt
+    proc = m.proc if m else proc
+    if m is not None:
+        m.ctl.close()
+    if mnt is not None and os.path.ismount(mnt) or _stale(mnt):
+        r = subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        if r.returncode != 0:
+            subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)
+    if proc is not None:
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def _stale(mnt: Path | None) -> bool:
+    if mnt is None:
+        return False
+    try:
+        os.statvfs(mnt)         # stat() may be answered from cached attributes
+        return False
+    except OSError as e:
+        return e.errno == 107   # ENOTCONN
+
+
+FIXTURE = {
+    "revision": 7,
+    "nodes": {
+        "/hello": {"data": "hello world\n", "mode": 0o644, "uid": 0, "gid": 0,
+                   "mtime_ns": 1_700_000_000_123_456_789},
+        "/services/db/primary": {"data": "db1.example:5432\n", "mode": 0o640, "uid": 0,
+                                 "gid": 0},
+        "/services/db/replicas": {"data": "db2\ndb3\n"},
+        "/services/web/port": {"data": "8080\n"},
+        "/secret": {"data": "s3cr3t\n", "mode": 0o600, "uid": 1000, "gid": 1000},
+        "/empty": {"kind": "dir"},
+        "/deep/a/b/c/leaf": {"data": "leaf\n"},
+        "/" + "n" * 300: {"data": "too long for the kernel\n"},
+        "/.afs": {"data": "collides with the reserved directory\n"},
+    },
+}
+
+
+@pytest.fixture
+def mount_base():
+    """A world-traversable directory under /tmp (pytest's tmp_path is 0700, which would hide
+    the mount from the uids of the permission tests). Removed only once nothing is mounted."""
+    import tempfile
+    base = Path(tempfile.mkdtemp(prefix="afs-fuse-test-", dir="/tmp"))
+    os.chmod(base, 0o755)
+    yield base
+    for child in base.iterdir():
+        if child.is_dir() and (os.path.ismount(child) or _stale(child)):
+            return   # never rm -r through a mount; leave it for inspection
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def fuse_mount(mount_base):
+    why = fuse_available()
+    if why:
+        pytest.skip(why)
+    m = start_daemon(mount_base, FIXTURE)
+    try:
+        yield m
+    finally:
+        stop_daemon(m)
+
+
+@pytest.fixture
+def fuse_mount_factory(mount_base):
+    why = fuse_available()
+    if why:
+        pytest.skip(why)
+    started: list[MountedFs] = []
+
+    def make(fixture: dict = FIXTURE, *extra: str, name: str = "mnt") -> MountedFs:
+        m = start_daemon(mount_base, fixture, *extra, name=name)
+        started.append(m)
+        return m
+
+    try:
+        yield make
+    finally:
+        for m in started:
+            stop_daemon(m)
