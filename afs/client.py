@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Sequence
 
 from afs import errors, ops, paths
-from afs.config import parse_endpoint, parse_endpoints
+from afs.config import UNIX_PREFIX, parse_endpoint, parse_endpoints
 from afs.errors import AfsError, InvalidInput, NotLeader, Unavailable
 from afs.limits import DEFAULT_LIMITS, Limits
-from afs.model import Stat
+from afs.model import Event, Stat
 from afs.wire import FrameError, encode_frame, read_frame_sync
 
 __all__ = ["Client", "WriteResult", "GetResult", "Listing", "Limits", "DEFAULT_LIMITS",
-           "plan_batches", "request_size"]
+           "plan_batches", "request_size", "Watch", "WatchEvents"]
 
 #: largest response frame accepted. Responses are not bounded by the request limit (a walk with
 #: data of a large subtree can exceed 8 MiB); 256 MiB keeps one bound before allocation.
@@ -176,11 +176,31 @@ class _Conn:
     """One blocking connection. Not thread safe (the Client's lock guards it)."""
 
     def __init__(self, addr: str, connect_timeout: float):
-        host, port = parse_endpoint(addr)
         self.addr = addr
-        self.sock = socket.create_connection((host, port), timeout=connect_timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if addr.startswith(UNIX_PREFIX):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(connect_timeout)
+                sock.connect(addr[len(UNIX_PREFIX):])
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+        else:
+            host, port = parse_endpoint(addr)
+            self.sock = socket.create_connection((host, port), timeout=connect_timeout)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.rfile = self.sock.makefile("rb")
+
+    def read(self, timeout: float | None) -> dict:
+        """The next frame (any id). Raises like :meth:`call`."""
+        self.sock.settimeout(timeout)
+        frame = read_frame_sync(self.rfile, MAX_RESPONSE_FRAME)
+        if frame is None:
+            raise ConnectionError(f"{self.addr} closed the connection")
+        if not isinstance(frame, dict):
+            raise FrameError("frame is not a map")
+        return frame
 
     def call(self, req: dict, timeout: float) -> dict:
         """Send ``req`` and return the response frame with the same id. Raises OSError
@@ -439,6 +459,40 @@ class Client:
         """:func:`plan_batches` with this client's limits."""
         return plan_batches(op_list, self.limits)
 
+    # ------------------------------------------------------------ watches
+    @classmethod
+    def local(cls, socket_path: str, **kw) -> "Client":
+        """A client of this host's agent, through its local unix socket (``afs agent
+        --socket PATH``). The agent answers ``watch``, ``cancel`` and ``status`` from its
+        replica, so N local watchers cost the cluster one stream."""
+        if not socket_path:
+            raise InvalidInput("socket_path is required")
+        return cls([UNIX_PREFIX + os.fspath(socket_path)], **kw)
+
+    def watch(self, prefix: str = "/", start_revision: int | None = None, *, data: bool = True,
+              idle_timeout: float = 5.0, reconnect_timeout: float | None = None) -> "Watch":
+        """Watch ``prefix`` (the node itself and everything below it) from ``start_revision``
+        (``None``: from now; ``0``: from the oldest revision still in history).
+
+        Returns a :class:`Watch`: an iterator of :class:`WatchEvents`, one per revision that
+        touches ``prefix`` (a transaction's events arrive together), in revision order, each
+        revision exactly once — also across reconnects. See :class:`Watch`.
+        Raises (at once, or from the iterator) :class:`~afs.errors.Compacted` when the
+        revision to deliver next is no longer in any reachable member's history.
+        ``data=False`` gives metadata-only events (``data`` is None)."""
+        prefix = self._path(prefix)
+        if start_revision is not None and (isinstance(start_revision, bool)
+                                           or not isinstance(start_revision, int) or start_revision < 0):
+            raise InvalidInput("start_revision must be None or a non-negative integer")
+        if not isinstance(data, bool):
+            raise InvalidInput("data must be a boolean")
+        if not idle_timeout > 0:
+            raise InvalidInput("idle_timeout must be positive")
+        w = Watch(self.endpoints, prefix, start_revision, data=data, connect_timeout=self.connect_timeout,
+                  timeout=self.timeout, idle_timeout=idle_timeout, reconnect_timeout=reconnect_timeout)
+        w._connect(first=True)
+        return w
+
     # ------------------------------------------------------------ cluster
     def status(self, endpoint: str | None = None, timeout: float | None = None) -> dict:
         """One member's status dict (docs/protocol.md): ``endpoint``'s, or any reachable
@@ -503,6 +557,246 @@ class Client:
             finally:
                 self._drop()
                 self._conn, self._leader, self._rr = saved
+
+
+# ---------------------------------------------------------------- watches
+
+@dataclass(frozen=True)
+class WatchEvents:
+    """All events of ONE revision that touch the watched prefix (a transaction's events
+    together). Iterates over its events."""
+
+    revision: int
+    events: tuple[Event, ...]
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+
+class Watch:
+    """An iterator of :class:`WatchEvents` (see :meth:`Client.watch`).
+
+    Contract:
+    - Uses its OWN connection (never the Client's request connection), so a Client keeps
+      serving calls while watches stream.
+    - Order and exactly-once: groups come in increasing revision order; the watch remembers
+      the next revision it must deliver (``next_revision``). After a connection failure,
+      an idle period without any frame (``idle_timeout``; members send progress frames every
+      second when idle) or a retryable error, it reconnects — to the next endpoint first —
+      and resumes from ``next_revision``; anything at or below the last delivered revision
+      is dropped. So a reconnect never shows a gap or a duplicate.
+    - Progress frames (``{"progress": R}``) are not yielded; they advance ``revision`` (the
+      revision the watcher is known to be current to) and ``next_revision``.
+    - ``Compacted``: raised when the revision to deliver next has left history on every member
+      that answered in one round (a member that restarted or fell behind may lack history
+      another still has, so all are asked). It is never turned into a silent gap.
+    - Reconnecting gives up with :class:`~afs.errors.Unavailable` after ``timeout`` for the
+      first subscription and after ``reconnect_timeout`` (None: never) later.
+    - ``cancel()`` may be called from any thread (or a signal handler); the iterator then
+      stops (StopIteration) and the connection is closed. Also a context manager.
+    - Iterating is for one thread at a time.
+    """
+
+    def __init__(self, endpoints: list[str], prefix: str, start_revision: int | None, *,
+                 data: bool = True, connect_timeout: float = 1.0, timeout: float = 5.0,
+                 idle_timeout: float = 5.0, reconnect_timeout: float | None = None):
+        self.endpoints = list(endpoints)
+        self.prefix = prefix
+        self.start_revision = start_revision
+        self.data = data
+        self.connect_timeout = connect_timeout
+        self.timeout = timeout
+        self.idle_timeout = idle_timeout
+        self.reconnect_timeout = reconnect_timeout
+        #: the next revision to deliver (None until the first subscription when watching "from now")
+        self.next_revision: int | None = start_revision
+        #: the revision this watcher is known to be current to (last delivered or progress)
+        self.revision = (start_revision - 1) if start_revision else 0
+        self.endpoint = ""                 # the member (or socket) currently streaming
+        self.reconnects = 0
+        self._ep = 0
+        self._conn: _Conn | None = None
+        self._rid = 0
+        self._lock = threading.Lock()
+        self._cancelled = False
+        self._reading = False
+
+    # ------------------------------------------------------------ public
+    def __iter__(self) -> "Watch":
+        return self
+
+    def __next__(self) -> WatchEvents:
+        while True:
+            if self._cancelled:
+                self._close()
+                raise StopIteration
+            if self._conn is None:
+                self._connect(first=False)
+                continue
+            conn = self._conn
+            try:
+                with self._lock:
+                    self._reading = True
+                frame = conn.read(self.idle_timeout)
+            except (OSError, FrameError, EOFError) as exc:
+                if self._cancelled:
+                    continue
+                self._lost(f"{conn.addr}: {_describe(exc)}")
+                continue
+            finally:
+                with self._lock:
+                    self._reading = False
+            if frame.get("id") != self._rid:
+                continue
+            if "events" in frame:
+                rev = frame.get("revision")
+                raw = frame.get("events") or []
+                try:
+                    events = tuple(Event.from_wire(e) for e in raw)
+                    if not isinstance(rev, int):
+                        rev = events[0].revision
+                except (ValueError, TypeError, KeyError, IndexError) as exc:
+                    self._lost(f"{conn.addr}: malformed watch frame ({exc})")
+                    continue
+                if self.next_revision is not None and rev < self.next_revision:
+                    continue                      # already delivered (never twice)
+                self.next_revision = rev + 1
+                self.revision = max(self.revision, rev)
+                return WatchEvents(rev, events)
+            if "progress" in frame:
+                p = frame["progress"]
+                if isinstance(p, int) and self.next_revision is not None and p + 1 > self.next_revision:
+                    self.next_revision = p + 1
+                    self.revision = max(self.revision, p)
+                continue
+            if "error" in frame:
+                err = errors.from_wire(frame["error"])
+                if err.retryable or isinstance(err, errors.Compacted):
+                    # Compacted mid-stream: this member let us fall behind; another may still
+                    # have the revision (the round in _connect decides)
+                    self._lost(f"{conn.addr}: {err.message}")
+                    continue
+                self._close()
+                raise err
+
+    def events(self):
+        """The same stream flattened to single :class:`~afs.model.Event` objects."""
+        for group in self:
+            yield from group.events
+
+    def cancel(self) -> None:
+        """Stop the watch (any thread). The iterator then ends."""
+        self._cancelled = True
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                return
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)    # wakes a blocked reader
+            except OSError:
+                pass
+            if not self._reading:
+                self._conn = None
+                conn.close()
+
+    close = cancel
+
+    def __enter__(self) -> "Watch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()
+
+    # ------------------------------------------------------------ internals
+    def _close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _lost(self, why: str) -> None:
+        self._close()
+        self.reconnects += 1
+        self._last_error = why
+        self._ep += 1                             # prefer another member next
+
+    def _connect(self, first: bool) -> None:
+        """Subscribe on some endpoint from ``next_revision`` (see the class contract)."""
+        limit = self.timeout if first else self.reconnect_timeout
+        deadline = None if limit is None else time.monotonic() + limit
+        backoff = _BACKOFF_START
+        last = getattr(self, "_last_error", "no attempt made")
+        n = len(self.endpoints)
+        while not self._cancelled:
+            compacted: AfsError | None = None
+            answered = 0
+            for _ in range(n):
+                if self._cancelled:
+                    break
+                addr = self.endpoints[self._ep % n]
+                try:
+                    self._subscribe(addr)
+                    return
+                except errors.Compacted as exc:
+                    answered += 1
+                    compacted = compacted or exc
+                    last = f"{addr}: {exc.message}"
+                except AfsError as exc:
+                    if not exc.retryable:
+                        self._close()
+                        raise
+                    last = f"{addr}: {exc.message}"
+                except (OSError, FrameError, EOFError) as exc:
+                    last = f"{addr}: {_describe(exc)}"
+                self._close()
+                self._ep += 1
+            if compacted is not None and answered:
+                raise compacted
+            if self._cancelled:
+                break
+            now = time.monotonic()
+            if deadline is not None and now >= deadline:
+                raise Unavailable(f"watch {self.prefix}: no member could be subscribed within "
+                                  f"{limit:g}s (last error: {last})", endpoints=list(self.endpoints))
+            pause = backoff * (0.5 + random.random())
+            if deadline is not None:
+                pause = min(pause, deadline - now)
+            time.sleep(max(pause, 0))
+            backoff = min(backoff * 2, _BACKOFF_MAX)
+
+    def _subscribe(self, addr: str) -> None:
+        conn = _Conn(addr, self.connect_timeout)
+        with self._lock:
+            self._conn = conn
+            if self._cancelled:
+                return
+        self._rid += 1
+        req = {"id": self._rid, "op": "watch", "path": self.prefix,
+               "start_revision": self.next_revision}
+        if not self.data:
+            req["data"] = False
+        conn.sock.settimeout(self.timeout)
+        conn.sock.sendall(encode_frame(req))
+        deadline = time.monotonic() + self.timeout
+        while True:
+            frame = conn.read(max(deadline - time.monotonic(), 0.001))
+            if frame.get("id") == self._rid:
+                break
+        if "error" in frame:
+            raise errors.from_wire(frame["error"])
+        ok = frame.get("ok")
+        if not isinstance(ok, dict) or not isinstance(ok.get("revision"), int):
+            raise FrameError("malformed watch answer")
+        if self.next_revision is None:           # "from now": fixed by the first member
+            self.next_revision = ok["revision"] + 1
+            self.revision = ok["revision"]
+        self.endpoint = addr
 
 
 def _describe(exc: BaseException) -> str:

@@ -28,6 +28,8 @@ from typing import Any, Mapping, TypeVar
 from afs.errors import InvalidInput
 
 DEFAULT_ENDPOINTS = ("127.0.0.1:7001", "127.0.0.1:7002", "127.0.0.1:7003")
+#: an endpoint ``unix:/path`` is a unix socket (the agent's local watch socket)
+UNIX_PREFIX = "unix:"
 
 T = TypeVar("T")
 
@@ -47,7 +49,8 @@ def parse_endpoint(text: str) -> tuple[str, int]:
 
 
 def parse_endpoints(value: Any) -> list[str]:
-    """A comma-separated string or a list of strings -> list of ``host:port`` strings."""
+    """A comma-separated string or a list of strings -> list of ``host:port`` strings
+    (or ``unix:/path`` for a unix socket, e.g. the agent's local watch socket)."""
     if isinstance(value, str):
         items = [p.strip() for p in value.split(",")]
     elif isinstance(value, (list, tuple)):
@@ -56,6 +59,10 @@ def parse_endpoints(value: Any) -> list[str]:
         raise InvalidInput(f"bad endpoints {value!r}: expected 'host:port,host:port'")
     items = [p for p in items if p]
     for p in items:
+        if p.startswith(UNIX_PREFIX):
+            if len(p) == len(UNIX_PREFIX):
+                raise InvalidInput(f"bad endpoint {p!r}: expected unix:/path/to/socket")
+            continue
         parse_endpoint(p)
     return items
 
@@ -267,6 +274,8 @@ class AgentConfig:
         self.endpoints = parse_endpoints(self.endpoints)
         if not self.endpoints:
             raise InvalidInput("endpoints: at least one HOST:PORT is required")
+        if any(e.startswith(UNIX_PREFIX) for e in self.endpoints):
+            raise InvalidInput("endpoints: the agent follows cluster members (HOST:PORT), not unix sockets")
         if not self.cache_dir:
             raise InvalidInput("cache_dir: required")
         if self.http_addr:

@@ -84,7 +84,8 @@ from afs_cli import daemons as _daemons      # noqa: E402
 cli.add_command(_daemons.server_cmd)
 cli.add_command(_daemons.agent_cmd)
 cli.add_command(_daemons.dev_cluster_cmd)
-# >>> REGISTRATION POINT: afs watch (e.g. from afs_cli.watch import watch; cli.add_command(watch))
+from afs_cli import watch as _watch      # noqa: E402
+cli.add_command(_watch.watch)
 # >>> REGISTRATION POINT: afs cluster <sub> (members, transfer-leader, ...):
 #     _cluster.cluster.add_command(...)
 

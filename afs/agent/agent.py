@@ -8,10 +8,14 @@ Order per revision (so a transaction becomes visible as a whole): the follower a
 events of the revision to the replica and publishes the new immutable view, then asks the mount
 to invalidate exactly the changed paths and their parents and waits for it.
 
-Start-up: load the cache (a corrupt one is discarded and re-fetched, never served); if this host
-has already served a newer revision than the cache holds, wait for the cluster before mounting
-(never go back in revision). Then mount at once — also when no member is reachable — and catch
-up in the background. SIGTERM/SIGINT unmount cleanly and save the cache.
+Start-up: check the mount point first (missing, not a directory, busy, no ``fusermount3``, no
+``/dev/fuse``: one ERROR line and exit 1 before anything else happens; a dead FUSE mount left by
+a killed agent is cleared with ``fusermount3 -u -z``). Load the cache (a corrupt one is
+discarded and re-fetched, never served); if this host has already served a newer revision than
+the cache holds (``hwm``: after a corrupt cache, or a SIGKILL between two cache saves), wait for
+the cluster before mounting (never go back in revision). Otherwise mount at once — also when no
+member is reachable — and catch up in the background. SIGTERM/SIGINT unmount cleanly and save
+the cache.
 """
 from __future__ import annotations
 
@@ -38,6 +42,13 @@ class Agent:
                                  connect_timeout=cfg.connect_timeout)
         self._sync_thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # >>> local watch socket (afs/agent/localwatch.py): fed by the follower's applied revisions
+        self.localwatch = None
+        if cfg.socket_path:
+            from afs.agent.localwatch import LocalWatchServer
+            self.localwatch = LocalWatchServer(cfg.socket_path, status_provider=self.status)
+            self.localwatch.attach(self.follower)
+        # <<< local watch socket
 
     def _on_change(self, paths: set[str], revision: int) -> None:
         if self.mount is not None:
@@ -47,6 +58,8 @@ class Agent:
         return self.follower.status()
 
     def start_sync(self) -> None:
+        if self.localwatch is not None and self.localwatch.loop is None:   # local watch socket
+            self.localwatch.start(self.replica.revision)                   # before the follower
         self._sync_thread = threading.Thread(target=self.follower.run, name="afs-agent-sync", daemon=True)
         self._sync_thread.start()
 
@@ -64,15 +77,18 @@ class Agent:
         self.follower.stop()
         if self._sync_thread is not None:
             self._sync_thread.join(timeout=10)
+        if self.localwatch is not None:                                    # local watch socket
+            self.localwatch.stop()
         try:
             self.replica.save()
         except OSError as exc:
             log.error("event=cache_save_failed error=%r", str(exc))
+        self.replica.close()
 
     def run(self) -> int:
         cfg = self.cfg
-        self.start_sync()
         if not cfg.mountpoint:
+            self.start_sync()
             log.info("event=started mount=- endpoints=%s", ",".join(cfg.endpoints))
             stop = threading.Event()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -80,13 +96,37 @@ class Agent:
             stop.wait()
             self.stop()
             return 0
-        from afs.fs.mount import Mount, MountError
+        try:
+            from afs.fs.mount import Mount, MountError
+        except (ImportError, OSError) as exc:
+            log.error("event=mount_failed error=%s", str(exc).splitlines()[0] if str(exc) else exc)
+            self.replica.close()
+            return 1
         from afs.fs.view import FsView
-        self.wait_servable()
         view = FsView(self.replica.current, status_provider=self.status)
         self.mount = Mount(view, cfg.mountpoint, entry_timeout=cfg.entry_timeout,
                            attr_timeout=cfg.entry_timeout, negative_timeout=cfg.negative_timeout,
                            allow_other=cfg.allow_other)
+        try:
+            self.mount.preflight()     # fail fast, before following the cluster
+        except MountError as exc:
+            log.error("event=mount_failed error=%s", exc)
+            self.replica.close()
+            return 1
+        self.start_sync()
+        if not self.replica.can_serve:
+            # SIGTERM/SIGINT while waiting: stop without mounting. The default handlers are
+            # restored before serve(): libfuse installs its own only over SIG_DFL.
+            old = {sig: signal.signal(sig, lambda *_: self._stop.set())
+                   for sig in (signal.SIGTERM, signal.SIGINT)}
+            try:
+                self.wait_servable()
+            finally:
+                for sig, h in old.items():
+                    signal.signal(sig, h)
+            if self._stop.is_set():
+                self.stop()
+                return 0
         log.info("event=mounting mount=%s revision=%d cache=%s", cfg.mountpoint,
                  self.replica.revision, self.replica.cache_state)
         try:

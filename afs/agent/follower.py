@@ -9,7 +9,11 @@ Member choice: prefer followers (the leader's CPU is for writes), and spread age
 by a stable hash of the host name; fall back to the leader, then the configured endpoints.
 
 Threading: ``run()`` is the agent's sync thread; it is the only writer of the replica.
-``on_change(paths, revision)`` is called on that thread after each published revision.
+``on_change(paths, revision)`` is called on that thread after each published revision; then
+``on_events(revision, events)`` with all events of that revision (the agent's local watch hub;
+after the mount was invalidated, so a local watcher that gets R can read R from the mount), and
+``on_reset(revision)`` after a snapshot install (the replica jumped: no events for the skipped
+revisions exist here).
 ``status()`` may be called from any thread.
 """
 from __future__ import annotations
@@ -71,11 +75,20 @@ class _Conn:
 class Follower:
     def __init__(self, endpoints: list[str], replica: Replica, *,
                  on_change: Callable[[set[str], int], None] | None = None,
+                 on_events: Callable[[int, list[Event]], None] | None = None,
+                 on_reset: Callable[[int], None] | None = None,
                  connect_timeout: float = 1.0, idle_timeout: float = 5.0,
                  save_interval: float = 1.0):
         self.endpoints = list(endpoints)
         self.replica = replica
         self.on_change = on_change
+        self.on_events = on_events
+        self.on_reset = on_reset
+        #: on the first stream, ask for this many revisions BEFORE the replica's revision and hand
+        #: them to ``on_events`` only (never re-applied): primes the local watch history after a
+        #: restart, so local watchers can resume from before the cache's revision
+        self.history_warmup = 0
+        self._warmed = False
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout      # no frame for this long => reconnect
         self.save_interval = save_interval
@@ -175,10 +188,15 @@ class Follower:
             progressed |= self._snapshot(conn)
         while not self._stop.is_set():
             start = self.replica.revision + 1
+            if self.history_warmup and not self._warmed and self.replica.revision > 0:
+                start = max(1, start - self.history_warmup)
             rid = conn.request("watch", path="/", start_revision=start)
             first = self._read_reply(conn, rid)
             if "error" in first:
                 exc = errors.from_wire(first["error"])
+                if isinstance(exc, errors.Compacted) and start <= self.replica.revision:
+                    self._warmed = True         # warm-up history not available: skip it
+                    continue
                 if isinstance(exc, errors.Compacted):
                     self.stats["compacted"] += 1
                     log.info("event=history_compacted member=%s wanted=%d; fetching a snapshot", endpoint, start)
@@ -187,6 +205,7 @@ class Follower:
                     progressed = True
                     continue
                 raise exc
+            self._warmed = True
             self._contact(first.get("ok", {}).get("revision", 0))
             log.info("event=streaming member=%s from_revision=%d", endpoint, start)
             progressed |= self._stream(conn, rid)
@@ -211,6 +230,8 @@ class Follower:
         log.info("event=snapshot_installed member=%s revision=%d nodes=%d", conn.endpoint,
                  self.replica.revision, len(self.replica.tree))
         self._published(changed)
+        if self.on_reset:
+            self.on_reset(self.replica.revision)
         return True
 
     def _stream(self, conn: _Conn, rid: int) -> bool:
@@ -223,6 +244,8 @@ class Follower:
                 events = [Event.from_wire(e) for e in frame["events"]]
                 rev = int(frame.get("revision") or events[0].revision)
                 if rev <= self.replica.revision:
+                    if self.on_events:            # warm-up: local watch history only
+                        self.on_events(rev, events)
                     continue                      # already have it (never apply twice)
                 try:
                     changed = self.replica.apply(rev, events)
@@ -233,6 +256,8 @@ class Follower:
                 self.stats["revisions"] += 1
                 self._contact(rev)
                 self._published(changed)
+                if self.on_events:
+                    self.on_events(rev, events)
                 progressed = True
             elif "progress" in frame:
                 self._contact(int(frame["progress"]))

@@ -11,8 +11,13 @@ snapshot older than what it has; the cache records the revision and so does a se
 high-water-mark file, so a corrupt cache cannot make a restarted agent serve an older state.
 
 Cache files (in ``cache_dir``, 0700; files 0600): ``replica.snap`` (the KeyTree snapshot format,
-crc-checked) and ``hwm`` (the highest revision ever served). Written tmp -> fsync -> rename ->
-fsync dir.
+crc-checked; written tmp -> fsync -> rename -> fsync dir, at most every ``save_interval`` and on
+stop) and ``hwm`` (the highest revision ever published to readers). ``hwm`` is rewritten in place
+(one fixed-width ``pwrite``, no fsync, a few microseconds) BEFORE each new revision is published,
+so an agent killed with SIGKILL between two cache saves still knows on restart that it served a
+newer revision than its cache holds, and waits for the cluster instead of going back; it is
+fsynced together with each cache save (a host crash may lose the unsynced tail, a process crash
+cannot).
 """
 from __future__ import annotations
 
@@ -131,6 +136,9 @@ class Replica:
         self._view = RevisionView(0, self.tree.all_entries())
         self._saved_revision = -1
         self.cache_state = "none"        # none | loaded | discarded_corrupt
+        self._hwm_fd: int | None = None
+        self._hwm_written = -1           # revision last written to the hwm file
+        self._hwm_error_logged = False
 
     # ------------------------------------------------------------ reading
     def current(self) -> RevisionView:
@@ -149,6 +157,7 @@ class Replica:
         os.chmod(cache_dir, 0o700)
         r = cls(cache_dir)
         r.hwm = r._read_hwm()
+        r._hwm_fd = os.open(os.path.join(cache_dir, "hwm"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         snap = os.path.join(cache_dir, "replica.snap")
         if os.path.exists(snap):
             try:
@@ -163,6 +172,7 @@ class Replica:
                 r.cache_state = "discarded_corrupt"
                 log.warning("event=cache_discarded reason=%r path=%s (kept as .corrupt; will re-fetch)", str(exc), snap)
         r.hwm = max(r.hwm, r.revision)
+        r._hwm_written = r.hwm if r.hwm == r._read_hwm() else -1
         return r
 
     def _read_hwm(self) -> int:
@@ -179,9 +189,36 @@ class Replica:
             return False
         rev = self.revision
         _atomic_write(os.path.join(self.cache_dir, "replica.snap"), self.tree.snapshot(include_dedupe=False))
-        _atomic_write(os.path.join(self.cache_dir, "hwm"), str(max(self.hwm, rev)).encode())
+        self._persist_hwm(max(self.hwm, rev), sync=True)
         self._saved_revision = rev
         return True
+
+    def _persist_hwm(self, revision: int, sync: bool = False) -> None:
+        """Record that ``revision`` is (about to be) served. Called BEFORE publishing it."""
+        fd = self._hwm_fd
+        if fd is None:
+            return
+        try:
+            if revision > self._hwm_written:
+                line = b"%020d\n" % revision       # fixed width: an in-place rewrite never
+                os.pwrite(fd, line, 0)             # leaves a longer old value's tail behind
+                if self._hwm_written < 0:
+                    os.ftruncate(fd, len(line))
+                self._hwm_written = revision
+            if sync:
+                os.fsync(fd)
+        except OSError as exc:
+            if not self._hwm_error_logged:
+                self._hwm_error_logged = True
+                log.error("event=hwm_write_failed error=%r (monotonicity across restarts is "
+                          "not guaranteed until it works again)", str(exc))
+            if sync:
+                raise
+
+    def close(self) -> None:
+        if self._hwm_fd is not None:
+            os.close(self._hwm_fd)
+            self._hwm_fd = None
 
     @property
     def can_serve(self) -> bool:
@@ -205,6 +242,7 @@ class Replica:
         changed = {p for p, e in new_entries.items() if old._lookup(p) != e}
         old_tree_paths = self.tree.all_entries().keys()
         changed |= {p for p in old_tree_paths if p not in new_entries}
+        self._persist_hwm(tree.revision)
         self.tree = tree
         self._view = RevisionView(tree.revision, new_entries)
         self.hwm = max(self.hwm, tree.revision)
@@ -220,6 +258,7 @@ class Replica:
             for p in (e.path, parent_path(e.path)) if e.path != "/" else ("/",):
                 if p not in delta:
                     delta[p] = tree.node_entry(p)
+        self._persist_hwm(revision)      # before readers can see it (never go back on restart)
         self._view = self._view.next(revision, delta)
         self.hwm = max(self.hwm, revision)
         return set(delta)

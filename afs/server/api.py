@@ -15,6 +15,7 @@ import time
 from typing import Awaitable, Callable
 
 from afs import errors, ops, paths
+from afs.server import watchhub
 from afs.model import Event
 
 log = logging.getLogger("afs.api")
@@ -86,6 +87,8 @@ class ClientApi:
 
     # ------------------------------------------------------------ reads
     async def _read_point(self, req: dict) -> None:
+        if self.server.test_break == "stale_read":     # TEST-ONLY negative control (server.py)
+            return
         if not _bool(req, "stale"):
             await self.server.node.read_barrier(self.server.cfg.request_timeout)
 
@@ -194,34 +197,32 @@ class ClientApi:
     async def watch(self, req, send):
         prefix = _path(req, self.server.cfg.limits.max_depth)
         start = req.get("start_revision")
-        if start is not None and (not isinstance(start, int) or start < 0):
+        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
             raise errors.InvalidInput("'start_revision' must be a non-negative integer")
+        with_data = req.get("data", True)
+        if not isinstance(with_data, bool):
+            raise errors.InvalidInput("'data' must be a boolean")
         hub = self.server.hub
         sub = hub.subscribe(prefix, start)           # may raise Compacted
         rid = req["id"]
         key = (req["_conn"], rid)
-        send({"id": rid, "ok": {"watch_id": rid, "revision": hub.revision}})
-        task = asyncio.current_task()
-        self.watches[key] = task
+        send({"id": rid, "ok": {"watch_id": rid, "revision": hub.revision, "oldest": hub.oldest}})
+        self.watches[key] = asyncio.current_task()
         try:
-            while True:
-                item = await sub.queue.get()
-                kind = item[0]
-                if kind == "events":
-                    send({"id": rid, "revision": item[1], "events": [e.to_wire() for e in item[2]]})
-                    hub.refill_if_lagging(sub)
-                elif kind == "progress":
-                    send({"id": rid, "progress": item[1]})
-                else:
-                    exc = item[1]
-                    send({"id": rid, "error": self._wire_error(exc) if isinstance(exc, errors.AfsError)
-                          else {"code": "internal", "message": str(exc)}})
-                    return None
-        except asyncio.CancelledError:
-            return None
+            out = send
+            if self.server.test_break == "drop_watch_event":   # TEST-ONLY negative control (server.py)
+                def out(frame, _send=send):
+                    if "events" in frame and frame.get("revision", 1) % 7 == 0:
+                        return
+                    _send(frame)
+            await watchhub.serve(hub, sub, rid, out, with_data=with_data,
+                                 flow=getattr(send, "flow", None))
+        except (asyncio.CancelledError, ConnectionError):
+            pass
         finally:
             hub.unsubscribe(sub)
             self.watches.pop(key, None)
+        return None
 
     async def cancel(self, req, send):
         wid = req.get("watch_id")

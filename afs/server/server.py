@@ -26,10 +26,47 @@ from afs.tree import TreeStateMachine
 
 log = logging.getLogger("afs.server")
 
+#: a watch stream stops writing while its connection has this much unsent (bytes)
+WATCH_HIGH_WATER = 1 << 20
+
 
 def split_addr(addr: str) -> tuple[str, int]:
     host, _, port = addr.rpartition(":")
     return host or "127.0.0.1", int(port)
+
+
+# ---------------------------------------------------------------- TEST-ONLY hooks
+# Read here and nowhere else. Used only by tests/fault (afs.testing.chaos negative controls);
+# never set them in production.
+#
+# AFS_TEST_BREAK deliberately breaks one guarantee so the fault suite can prove it notices:
+#   ack_before_quorum  the leader commits (and so acknowledges) an entry once IT alone has it
+#                      durably, without waiting for a majority (afs/raft/node.py)
+#   drop_watch_event   watch streams silently skip every revision divisible by 7 (api.watch)
+#   stale_read         "linearizable" reads skip ReadIndex and are answered from local state by
+#                      any member, leader or not (api._read_point)
+# AFS_TEST_SYNC_TRACKER=<file> makes RaftStorage report writes/fsyncs to a
+#   PersistentSyncTracker mirrored in <file>, so a harness can simulate a power cut
+#   (afs.storage.faults.load_sync_tracker(file).simulate_power_loss(data_dir)).
+TEST_BREAKS = ("ack_before_quorum", "drop_watch_event", "stale_read")
+
+
+def test_break_from_env() -> str:
+    name = os.environ.get("AFS_TEST_BREAK", "")
+    if name and name not in TEST_BREAKS:
+        raise errors.InvalidInput(f"AFS_TEST_BREAK={name!r}: expected one of {', '.join(TEST_BREAKS)}")
+    if name:
+        log.warning("event=TEST_BREAK_ACTIVE break=%s (this member violates its guarantees on purpose)", name)
+    return name
+
+
+def test_sync_tracker_from_env():
+    path = os.environ.get("AFS_TEST_SYNC_TRACKER", "")
+    if not path:
+        return None
+    from afs.storage.faults import FaultPoints, PersistentSyncTracker
+    log.warning("event=TEST_SYNC_TRACKER_ACTIVE state_file=%s", path)
+    return FaultPoints(PersistentSyncTracker(path))
 
 
 class _PublishingStateMachine:
@@ -71,6 +108,7 @@ class Server:
         self.peer_client_addrs: dict[str, str] = {}
         self.exit_code = 0
         self.started_at = time.time()
+        self.test_break = test_break_from_env()      # TEST-ONLY (tests/fault); "" in production
 
     @property
     def tree(self):
@@ -81,7 +119,8 @@ class Server:
         cfg = self.cfg
         os.makedirs(cfg.data_dir, mode=0o700, exist_ok=True)
         os.chmod(cfg.data_dir, 0o700)
-        storage = RaftStorage.open(os.path.join(cfg.data_dir, "raft"), fsync=cfg.fsync)
+        storage = RaftStorage.open(os.path.join(cfg.data_dir, "raft"), fsync=cfg.fsync,
+                                   faults=test_sync_tracker_from_env())
         bootstrap = {name: {"peer_addr": addr, "client_addr": cfg.client_addr if name == cfg.name else ""}
                      for name, addr in cfg.initial_cluster.items()}
         self.node = RaftNode(cfg.name, storage, _PublishingStateMachine(self.fsm, self.hub), config=cfg.raft,
@@ -94,6 +133,8 @@ class Server:
             on_snapshot_status=self.node.report_snapshot,
             hello_info={"client_addr": cfg.client_addr}, on_hello=self._on_peer_hello)
         self.node.attach_transport(self.transport)
+        if self.test_break == "ack_before_quorum":
+            self.node.install_test_break(self.test_break)
         await self.transport.start()
         await self.node.start()
         host, port = split_addr(cfg.client_addr)
@@ -161,6 +202,14 @@ class Server:
             if not writer.is_closing():
                 writer.write(wire.encode_frame(frame))
 
+        async def flow() -> None:
+            # backpressure for watch streams: wait while this connection's send buffer is
+            # large (the hub then queues, then switches the watcher to catch-up from history)
+            if writer.transport.get_write_buffer_size() > WATCH_HIGH_WATER and not writer.is_closing():
+                await writer.drain()
+
+        send.flow = flow
+
         async def run(req):
             resp = await self.api.handle(req, send, conn_id)
             if resp is not None:
@@ -172,8 +221,11 @@ class Server:
                 try:
                     req = await wire.read_frame(reader, wire.MAX_CLIENT_FRAME)
                 except wire.FrameError as exc:
+                    # afs.wire reports an over-long length header as "frame length N exceeds
+                    # limit M" (checked before the payload is read)
+                    too_large = "exceeds limit" in str(exc)
                     send({"id": None, "error": errors.RequestTooLarge(str(exc)).to_wire()
-                          if "large" in str(exc) else errors.InvalidInput(str(exc)).to_wire()})
+                          if too_large else errors.InvalidInput(str(exc)).to_wire()})
                     break
                 if req is None:
                     break

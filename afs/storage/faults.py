@@ -226,3 +226,73 @@ class SyncTracker:
         for p in [p for p in self._files if p.startswith(root)]:
             del self._files[p]
         return actions
+
+
+class PersistentSyncTracker(SyncTracker):
+    """A :class:`SyncTracker` that mirrors its state into ``state_path`` after every report,
+    so a harness can simulate a power cut of a REAL server process: SIGKILL (or SIGSTOP) the
+    process, ``load_sync_tracker(state_path).simulate_power_loss(data_dir)``, restart.
+
+    TEST-ONLY (wired by ``AFS_TEST_SYNC_TRACKER`` in :mod:`afs.server.server`). The state file
+    is replaced atomically (tmp + rename, no fsync: only a process crash is simulated, the host
+    does not really lose power). Ordering: the mirror is written inside the report call, i.e.
+    after the fsync returned and before the writer acknowledges anything, so a SIGKILL at any
+    instant leaves a file that never claims more durability than there was."""
+
+    def __init__(self, state_path: str) -> None:
+        super().__init__()
+        self.state_path = os.path.abspath(state_path)
+        self._dump()
+
+    def _dump(self) -> None:
+        import json
+        state = {"files": {p: [st.synced, st.size] for p, st in self._files.items()},
+                 "new_entries": sorted(self._new_entries)}
+        tmp = self.state_path + ".tmp"
+        with open(tmp, "w") as fh:
+            json.dump(state, fh)
+        os.replace(tmp, self.state_path)
+
+    def created(self, path: str) -> None:
+        super().created(path)
+        self._dump()
+
+    def wrote(self, path: str, nbytes: int) -> None:
+        super().wrote(path, nbytes)
+        self._dump()
+
+    def fsynced(self, path: str) -> None:
+        super().fsynced(path)
+        self._dump()
+
+    def truncated(self, path: str, length: int) -> None:
+        super().truncated(path, length)
+        self._dump()
+
+    def renamed(self, src: str, dst: str) -> None:
+        super().renamed(src, dst)
+        self._dump()
+
+    def removed(self, path: str) -> None:
+        super().removed(path)
+        self._dump()
+
+    def dir_fsynced(self, dirpath: str) -> None:
+        super().dir_fsynced(dirpath)
+        self._dump()
+
+
+def load_sync_tracker(state_path: str) -> SyncTracker:
+    """The tracker state a :class:`PersistentSyncTracker` left in ``state_path`` (an empty
+    tracker if the file does not exist: nothing was written since the process started)."""
+    import json
+    t = SyncTracker()
+    try:
+        with open(state_path) as fh:
+            state = json.load(fh)
+    except FileNotFoundError:
+        return t
+    for p, (synced, size) in state.get("files", {}).items():
+        t._files[p] = _FileState(int(synced), int(size))
+    t._new_entries = set(state.get("new_entries", []))
+    return t
