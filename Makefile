@@ -6,16 +6,20 @@ STAMP   := $(VENV)/.installed
 QUICK   ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-quick test-slow bench chaos sim clean
+.PHONY: setup demo test test-all test-quick bench chaos sim clean
 
 # ---- set-up: Debian fuse3, a virtualenv, the package (idempotent) ----
 setup: $(STAMP)
 
 $(STAMP): setup.cfg pyproject.toml
-	@if ! command -v fusermount3 >/dev/null 2>&1 || ! ldconfig -p | grep -q libfuse3.so; then \
-	  echo "== installing Debian fuse3"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq fuse3 libfuse3-3 >/dev/null; \
-	  else echo "fuse3 missing: run as root or 'sudo apt-get install fuse3'"; exit 1; fi; fi
+	@missing=""; \
+	  command -v fusermount3 >/dev/null 2>&1 && ldconfig -p | grep -q libfuse3.so || missing="$$missing fuse3 libfuse3-3"; \
+	  command -v iptables >/dev/null 2>&1 || missing="$$missing iptables"; \
+	  command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "== installing Debian packages:$$missing"; \
+	    if [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	    else echo "missing:$$missing - run as root or 'sudo apt-get install$$missing'"; exit 1; fi; fi
 	@echo "== creating $(VENV) and installing afs"
 	@$(PY) -m venv $(VENV)
 	@$(BIN)/pip install -q --upgrade pip >/dev/null 2>&1 || true
@@ -26,7 +30,11 @@ demo: setup
 	@$(BIN)/afs dev-cluster --size 3 --dir demo-data --load examples --mount demo-data/mnt
 
 # The whole suite: unit, simulator (500 seeds), integration, fuse, fault quick profile.
+# Extended variants of those suites are marked `slow` and run with `make test-all`.
 test: setup
+	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-all: setup
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # A fast profile for development: no slow/fault/fuse suites.

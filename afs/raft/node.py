@@ -330,6 +330,10 @@ class RaftNode:
                 self._start_read_round()
                 while self._running and self.raft.has_ready():
                     await self._handle_ready(loop)
+                    # Let the callers woken by this Ready (resolved proposals) run first, so
+                    # their next proposals and the leader's new commit index leave in ONE
+                    # append per follower instead of a commit-only append plus another.
+                    await asyncio.sleep(0)
                     self._start_read_round()
         except asyncio.CancelledError:
             raise
