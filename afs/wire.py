@@ -47,6 +47,10 @@ class FrameError(ValueError):
     """The peer sent something that is not a valid frame; close the connection."""
 
 
+class FrameTooLarge(FrameError):
+    """A frame's length is over the limit (checked from the header, before allocating)."""
+
+
 def _refuse_ext(code: int, data: bytes):
     raise FrameError(f"msgpack extension type {code} not allowed")
 
@@ -81,7 +85,7 @@ def encode_frame(obj, max_len: int | None = None) -> bytes:
         raise
     n = len(payload)
     if n > _MAX_U32 or (max_len is not None and n > max_len):
-        raise FrameError(f"frame of {n} bytes exceeds limit {max_len if max_len else _MAX_U32}")
+        raise FrameTooLarge(f"frame of {n} bytes exceeds limit {max_len if max_len else _MAX_U32}")
     return _pack_len(n) + payload
 
 
@@ -99,7 +103,7 @@ def decode_payload(payload) -> object:
 
 def _check_len(n: int, max_len: int) -> None:
     if n > max_len:
-        raise FrameError(f"frame length {n} exceeds limit {max_len}")
+        raise FrameTooLarge(f"frame length {n} exceeds limit {max_len}")
     if n == 0:
         raise FrameError("empty frame")
 

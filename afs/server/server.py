@@ -131,7 +131,8 @@ class Server:
             cfg.name, cfg.peer_addr, self.node.peer_addrs(), self.node.receive,
             cluster_id=cfg.cluster_id, on_unreachable=self.node.report_unreachable,
             on_snapshot_status=self.node.report_snapshot,
-            hello_info={"client_addr": cfg.client_addr}, on_hello=self._on_peer_hello)
+            hello_info={"client_addr": cfg.client_addr}, on_hello=self._on_peer_hello,
+            eager_connect=True)
         self.node.attach_transport(self.transport)
         if self.test_break == "ack_before_quorum":
             self.node.install_test_break(self.test_break)
@@ -221,9 +222,7 @@ class Server:
                 try:
                     req = await wire.read_frame(reader, wire.MAX_CLIENT_FRAME)
                 except wire.FrameError as exc:
-                    # afs.wire reports an over-long length header as "frame length N exceeds
-                    # limit M" (checked before the payload is read)
-                    too_large = "exceeds limit" in str(exc)
+                    too_large = isinstance(exc, wire.FrameTooLarge)
                     send({"id": None, "error": errors.RequestTooLarge(str(exc)).to_wire()
                           if too_large else errors.InvalidInput(str(exc)).to_wire()})
                     break

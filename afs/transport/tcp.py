@@ -137,7 +137,7 @@ class _SnapIn:
 
 class _Peer:
     __slots__ = ("id", "addr", "queue", "wake", "task", "writer", "snap", "snap_backlog",
-                 "closed", "down_logged")
+                 "closed", "down_logged", "connected_once")
 
     def __init__(self, peer_id: str, addr: str):
         self.id = peer_id
@@ -150,6 +150,7 @@ class _Peer:
         self.snap_backlog: collections.deque[Message] = collections.deque()
         self.closed = False
         self.down_logged = False
+        self.connected_once = False
 
 
 class TcpTransport:
@@ -162,7 +163,10 @@ class TcpTransport:
                  client_ssl_context=None,
                  on_snapshot_status: Callable[[str, bool], None] | None = None,
                  hello_info: dict | None = None,
-                 on_hello: Callable[[str, dict], None] | None = None):
+                 on_hello: Callable[[str, dict], None] | None = None,
+                 eager_connect: bool = False):
+        """``eager_connect``: open each outbound link once at start even with nothing to send,
+        so every peer receives our hello (and ``hello_info``) early; later links are lazy."""
         if not 0 < snapshot_chunk <= MAX_PEER_FRAME - 1024:
             raise ValueError(f"snapshot_chunk must be in 1..{MAX_PEER_FRAME - 1024}")
         if queue_limit < 1:
@@ -175,6 +179,7 @@ class TcpTransport:
         self.on_unreachable = on_unreachable
         self.on_snapshot_status = on_snapshot_status
         self.on_hello = on_hello
+        self.eager_connect = eager_connect
         hello = {"hello": node_id, "cluster": cluster_id}
         if hello_info:
             hello["info"] = hello_info
@@ -357,7 +362,8 @@ class TcpTransport:
         loop = asyncio.get_running_loop()
         try:
             while not peer.closed:
-                if not peer.queue and not peer.snap_backlog:
+                if not peer.queue and not peer.snap_backlog and \
+                        (peer.connected_once or not self.eager_connect):
                     peer.wake.clear()
                     await peer.wake.wait()
                     continue
@@ -369,6 +375,7 @@ class TcpTransport:
                     backoff = min(backoff * 2, BACKOFF_MAX)
                     continue
                 log.debug("%s: connected to peer %s at %s", self.node_id, peer.id, peer.addr)
+                peer.connected_once = True
                 self.stats["connects"] += 1
                 since = loop.time()
                 try:
