@@ -89,6 +89,8 @@ _lib.fuse_invalidate_path.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
 _lib.fuse_invalidate_path.restype = ctypes.c_int
 _lib.fuse_get_session.argtypes = [ctypes.c_void_p]
 _lib.fuse_get_session.restype = ctypes.c_void_p
+_lib.fuse_session_exited.argtypes = [ctypes.c_void_p]
+_lib.fuse_session_exited.restype = ctypes.c_int
 _lib.fuse_lowlevel_notify_inval_entry.argtypes = [ctypes.c_void_p, ctypes.c_uint64,
                                                   ctypes.c_char_p, ctypes.c_size_t]
 _lib.fuse_lowlevel_notify_inval_entry.restype = ctypes.c_int
@@ -451,7 +453,7 @@ class Mount:
                     b.done.set()
             if next_status is not None and time.monotonic() >= next_status:
                 with self._fuse_lock:
-                    if self._fuse is not None:
+                    if self._fuse is not None and not _lib.fuse_session_exited(self._session):
                         _lib.fuse_invalidate_path(self._fuse, b"/.afs/status")
                 next_status = time.monotonic() + refresh
 
@@ -486,6 +488,8 @@ class Mount:
         b = vec.buf[0]
         b.size, b.flags, b.fd, b.pos = len(data), 0, -1, 0
         b.mem = ctypes.cast(cbuf, ctypes.c_void_p)
+        if _lib.fuse_session_exited(se):     # the walk above may have raced a stop
+            return
         rc = _lib.fuse_lowlevel_notify_store(se, nid, 0, ctypes.byref(vec), 0)
         if rc == 0:
             self.stats["prewarmed"] += 1
@@ -500,13 +504,20 @@ class Mount:
         n_path = n_entry = 0
         with self._fuse_lock:
             f, se = self._fuse, self._session
-            if f is None:
+            # libfuse frees its node table (fuse_destroy) BEFORE it calls our destroy callback,
+            # so after a signal stopped the loop, a path call would use freed memory (seen as
+            # SIGSEGV on SIGTERM). The session itself lives until destroy took this lock, so
+            # checking its exit flag here is safe; we re-check before every libfuse call.
+            exited = _lib.fuse_session_exited
+            if f is None or exited(se):
                 return
             inval_path = _lib.fuse_invalidate_path
             inval_entry = _lib.fuse_lowlevel_notify_inval_entry
             # 1. inode attributes + page cache of every changed path the kernel knows.
             known: list[str] = []
             for p in ordered:
+                if exited(se):
+                    return
                 if inval_path(f, _enc(p)) == 0:
                     known.append(p)
                 n_path += 1
@@ -520,17 +531,22 @@ class Mount:
                 parent = parent or "/"
                 if parent not in known_parent:
                     nid = None
-                    if self.nested_entry_invalidation and inval_path(f, _enc(parent)) == 0 \
+                    if self.nested_entry_invalidation and not exited(se) \
+                            and inval_path(f, _enc(parent)) == 0 \
                             and self.view.exists(parent):
                         nid = self._nodeid(parent)
                     known_parent[parent] = nid
                 nid = known_parent[parent]
                 if nid is not None:
+                    if exited(se):
+                        return
                     nb = _enc(name)
                     inval_entry(se, nid, nb, len(nb))
                     n_entry += 1
             # 3. parent directories: attributes (mtime, size) and readdir cache.
             for d in sorted(parents, key=lambda p: p.count("/")):
+                if exited(se):
+                    return
                 inval_path(f, _enc(d))
                 n_path += 1
             t_inval = time.perf_counter()
@@ -542,6 +558,8 @@ class Mount:
                 for p in known:
                     if p.startswith("/.afs"):
                         continue
+                    if exited(se):
+                        return
                     self._prewarm(se, p)
         st = self.stats
         st["last_inval_us"] = (t_inval - t0) * 1e6
