@@ -30,7 +30,7 @@ import stat as _stat
 import threading
 from typing import Callable
 
-from afs import errors, paths, wire
+from afs import errors, wire
 from afs.model import Event
 from afs.server import watchhub
 from afs.server.watchhub import WatchHub
@@ -217,16 +217,7 @@ class LocalWatchServer:
             writer.close()
 
     def _subscribe(self, req: dict):
-        p = req.get("path")
-        if not isinstance(p, str):
-            raise errors.InvalidPath("'path' must be a string path")
-        prefix = paths.normalize(p)
-        start = req.get("start_revision")
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-            raise errors.InvalidInput("'start_revision' must be a non-negative integer")
-        with_data = req.get("data", True)
-        if not isinstance(with_data, bool):
-            raise errors.InvalidInput("'data' must be a boolean")
+        prefix, start, with_data = watchhub.parse_watch_request(req)
         if start is None:          # "now" is the replica's revision, even while warming up
             start = max(self.hub.revision, self.base) + 1
         return self.hub.subscribe(prefix, start), with_data

@@ -27,6 +27,7 @@ import os
 from afs import errors
 from afs.model import Event
 from afs.paths import parent as parent_path
+from afs.storage.wal import fsync_dir
 from afs.tree import KeyTree
 
 log = logging.getLogger("afs.agent")
@@ -105,14 +106,6 @@ class RevisionView:
         return v._base
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _atomic_write(path: str, data: bytes) -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -125,7 +118,7 @@ def _atomic_write(path: str, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path) or ".")
+    fsync_dir(os.path.dirname(path) or ".")
 
 
 class Replica:

@@ -16,7 +16,7 @@ from typing import Awaitable, Callable
 
 from afs import errors, ops, paths
 from afs.server import watchhub
-from afs.model import Event
+from afs.server.watchhub import parse_watch_request
 
 log = logging.getLogger("afs.api")
 
@@ -195,13 +195,7 @@ class ClientApi:
 
     # ------------------------------------------------------------ watches
     async def watch(self, req, send):
-        prefix = _path(req, self.server.cfg.limits.max_depth)
-        start = req.get("start_revision")
-        if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
-            raise errors.InvalidInput("'start_revision' must be a non-negative integer")
-        with_data = req.get("data", True)
-        if not isinstance(with_data, bool):
-            raise errors.InvalidInput("'data' must be a boolean")
+        prefix, start, with_data = parse_watch_request(req, self.server.cfg.limits.max_depth)
         hub = self.server.hub
         sub = hub.subscribe(prefix, start)           # may raise Compacted
         rid = req["id"]
@@ -235,7 +229,3 @@ class ClientApi:
         for (cid, _), task in list(self.watches.items()):
             if cid == conn_id:
                 task.cancel()
-
-
-def events_wire(events: list[Event]) -> list:
-    return [e.to_wire() for e in events]

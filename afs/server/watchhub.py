@@ -34,7 +34,7 @@ import collections
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable
 
-from afs import errors
+from afs import errors, paths
 from afs.model import Event
 
 __all__ = ["WatchHub", "Subscription", "serve", "event_size"]
@@ -48,6 +48,23 @@ def _touches(prefix: str, path: str) -> bool:
 
 def event_size(e: Event) -> int:
     return 64 + len(e.path) + (len(e.data) if e.data else 0)
+
+
+def parse_watch_request(req: dict, max_depth: int | None = paths.DEFAULT_MAX_DEPTH
+                        ) -> tuple[str, int | None, bool]:
+    """Validate a ``watch`` request: ``(prefix, start_revision or None, with_data)``.
+    Raises InvalidPath / InvalidInput with one clear line."""
+    p = req.get("path")
+    if not isinstance(p, str):
+        raise errors.InvalidPath("'path' must be a string path")
+    prefix = paths.normalize(p, max_depth=max_depth)
+    start = req.get("start_revision")
+    if start is not None and (isinstance(start, bool) or not isinstance(start, int) or start < 0):
+        raise errors.InvalidInput("'start_revision' must be a non-negative integer")
+    with_data = req.get("data", True)
+    if not isinstance(with_data, bool):
+        raise errors.InvalidInput("'data' must be a boolean")
+    return prefix, start, with_data
 
 
 @dataclass(eq=False)

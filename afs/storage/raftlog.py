@@ -138,7 +138,41 @@ class _Log:
         self.snap = meta
 
 
-class RaftStorage:
+class _LogReads:
+    """Read accessors shared by RaftStorage and MemoryRaftStorage (both hold a ``_log``)."""
+
+    _log: _Log
+
+    def initial_state(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
+        """(hard state, snapshot meta, entries after the snapshot index in order)."""
+        return self._log.hs, self._log.snap, list(self._log.entries)
+
+    def hard_state(self) -> HardState:
+        return self._log.hs
+
+    def snapshot_meta(self) -> SnapshotMeta:
+        return self._log.snap
+
+    def first_index(self) -> int:
+        return self._log.snap.index + 1
+
+    def last_index(self) -> int:
+        return self._log.last_index()
+
+    def term(self, index: int) -> int | None:
+        """Term of the entry at ``index`` (the snapshot's term at its index); None if unknown."""
+        return self._log.term(index)
+
+    def entries(self, lo: int, hi: int) -> list[Entry]:
+        """Entries with lo <= index < hi (clipped to what is held)."""
+        es = self._log.entries
+        if not es:
+            return []
+        base = es[0].index
+        return es[max(lo - base, 0):max(hi - base, 0)]
+
+
+class RaftStorage(_LogReads):
     """Durable Raft storage in ``data_dir``. See the module docstring for the contract."""
 
     def __init__(self, wal: WAL, snaps: SnapshotStore, state: _Log, seg_max: dict[int, int],
@@ -218,34 +252,6 @@ class RaftStorage:
             raise FatalStorageError("RaftStorage is closed")
         if self._wal.failed:
             raise FatalStorageError("RaftStorage is unusable after an earlier write/fsync failure")
-
-    def initial_state(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
-        """(hard state, snapshot meta, entries after the snapshot index in order)."""
-        return self._log.hs, self._log.snap, list(self._log.entries)
-
-    def hard_state(self) -> HardState:
-        return self._log.hs
-
-    def snapshot_meta(self) -> SnapshotMeta:
-        return self._log.snap
-
-    def first_index(self) -> int:
-        return self._log.snap.index + 1
-
-    def last_index(self) -> int:
-        return self._log.last_index()
-
-    def term(self, index: int) -> int | None:
-        """Term of the entry at ``index`` (the snapshot's term at its index); None if unknown."""
-        return self._log.term(index)
-
-    def entries(self, lo: int, hi: int) -> list[Entry]:
-        """Entries with lo <= index < hi (clipped to what is held)."""
-        es = self._log.entries
-        if not es:
-            return []
-        base = es[0].index
-        return es[max(lo - base, 0):max(hi - base, 0)]
 
     def load_snapshot(self) -> tuple[SnapshotMeta, bytes] | None:
         self._check()
@@ -339,7 +345,7 @@ class RaftStorage:
         self._wal.close()
 
 
-class MemoryRaftStorage:
+class MemoryRaftStorage(_LogReads):
     """Same interface as RaftStorage, in memory (simulator, Raft core tests). No durability."""
 
     def __init__(self) -> None:
@@ -349,27 +355,6 @@ class MemoryRaftStorage:
     @classmethod
     def open(cls, data_dir: str = "", **_ignored) -> "MemoryRaftStorage":
         return cls()
-
-    def initial_state(self) -> tuple[HardState, SnapshotMeta, list[Entry]]:
-        return self._log.hs, self._log.snap, list(self._log.entries)
-
-    def hard_state(self) -> HardState:
-        return self._log.hs
-
-    def snapshot_meta(self) -> SnapshotMeta:
-        return self._log.snap
-
-    def first_index(self) -> int:
-        return self._log.snap.index + 1
-
-    def last_index(self) -> int:
-        return self._log.last_index()
-
-    def term(self, index: int) -> int | None:
-        return self._log.term(index)
-
-    def entries(self, lo: int, hi: int) -> list[Entry]:
-        return RaftStorage.entries(self, lo, hi)  # type: ignore[arg-type]
 
     def save(self, hard_state: HardState | None, entries: list[Entry]) -> None:
         st = self._log
