@@ -282,10 +282,7 @@ class ProcessCluster:
         for n in names:
             self._spawn(n)
         if wait:
-            try:
-                self._wait_up(names)
-            except ClusterError:
-                raise
+            self._wait_up(names)
         return self
 
     def kill(self, name: str, sig: int = signal.SIGKILL, wait: float | None = 10.0) -> int | None:
