@@ -790,6 +790,13 @@ def main(argv=None) -> int:
     log = (lambda *_: None) if a.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
     ch = Chaos(prof, seed, break_name=a.break_name, fsync=not a.no_fsync, sync_tracker=a.sync_tracker,
                use_netns=not a.no_netns, workdir=a.workdir, log=log)
+
+    def _terminated(signum, frame):
+        # SIGTERM (e.g. a test's timeout): unwind so Chaos.run's teardown stops the servers
+        # and removes the namespaces instead of orphaning them.
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _terminated)
     report = ch.run()
     s = report["summary"]
     bad = violations(s)

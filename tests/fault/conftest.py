@@ -35,14 +35,25 @@ def chaos(tmp_path):
     def run(*args: str, timeout: float = 240.0):
         report = tmp_path / f"report-{len(list(tmp_path.iterdir()))}.json"
         argv = [sys.executable, "-m", "afs.testing.chaos", "--report", str(report), *args]
-        p = subprocess.run(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, timeout=timeout)
-        lines = p.stdout.strip().splitlines()
+        p = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # SIGTERM first: the harness then stops its servers and deletes its namespaces
+            p.terminate()
+            try:
+                p.communicate(timeout=60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.communicate()
+            raise
+        lines = out.strip().splitlines()
         final = lines[-1] if lines else ""
         rep = json.loads(report.read_text()) if report.exists() else {}
         if rep.get("workdir") and os.path.isdir(rep["workdir"]):
             import shutil
             shutil.rmtree(rep["workdir"], ignore_errors=True)
-        return p.returncode, rep, final, p.stderr[-6000:]
+        return p.returncode, rep, final, err[-6000:]
 
     return run
