@@ -53,7 +53,6 @@ class Op:
     invoke: float = 0.0
     complete: float | None = None
     status: str = OK
-    id: int = -1          # filled in by the checker when negative
 
     def describe(self) -> str:
         when = f"[{self.invoke}, {self.complete if self.complete is not None else 'inf'}]"
@@ -221,13 +220,13 @@ def check_partition(ops: list[Op], model, *, max_states: int = 2_000_000) -> tup
                     linearized = bits
                     done_required += req
                     _lift(entry)
-                    if len(stack) > len(best):
-                        best = [c.op for c, _, _ in stack]
                     entry = head.next
                     continue
             entry = entry.next
             continue
         # A return node (an ok op must be linearized before this point) or end: backtrack.
+        if len(stack) > len(best):
+            best = [c.op for c, _, _ in stack]
         if not stack:
             return False, _explain(ops, best, entry)
         call, state, req = stack.pop()
