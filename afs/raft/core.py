@@ -671,8 +671,14 @@ class Raft:
                                   term=self.term, context=ctx))
 
     def compact(self, index: int) -> SnapshotMeta:
-        if index <= self._offset:
+        """Drop log entries <= ``index`` (the driver saved a state-machine snapshot there).
+        Raises ValueError if the log already starts after ``index`` (e.g. an incoming snapshot
+        was accepted but not yet handed out): the driver's snapshot would be mislabelled."""
+        if index == self._offset:
             return self._snap
+        if index < self._offset:
+            raise ValueError(f"raft: cannot compact to {index}: the log already starts after "
+                             f"{self._offset}")
         if index > self.applied_index:
             raise ValueError(f"raft: cannot compact to {index} beyond applied {self.applied_index}")
         term = self.term_at(index)

@@ -224,7 +224,11 @@ class RaftNode:
         if not self._running:
             return
         if m.type == MsgType.SNAP and m.snapshot is not None:
-            self._pending_incoming = {(m.snapshot.index, m.snapshot.term): m.context}
+            # Keep data by (index, term): a reordered older snapshot arriving after the core
+            # accepted a newer one must not replace the accepted data. Bounded to 4 entries.
+            self._pending_incoming[(m.snapshot.index, m.snapshot.term)] = m.context
+            while len(self._pending_incoming) > 4:
+                self._pending_incoming.pop(min(self._pending_incoming))
             m.context = b""
         self.raft.step(m)
         self._wake.set()
@@ -378,6 +382,8 @@ class RaftNode:
             self._note_appended_conf(e)
         if rd.snapshot is not None:
             data = self._pending_incoming.pop((rd.snapshot.index, rd.snapshot.term), None)
+            for key in [k for k in self._pending_incoming if k[0] <= rd.snapshot.index]:
+                del self._pending_incoming[key]
             if data is None:
                 raise errors.StorageCorrupt("accepted a snapshot whose data was not received")
             await loop.run_in_executor(self._io, self.storage.save_snapshot, rd.snapshot, data)
@@ -519,6 +525,10 @@ class RaftNode:
         """Snapshot the state machine at the applied index, compact the in-memory log, and
         save the snapshot on the I/O thread (the WAL keeps everything until it is durable)."""
         loop = loop or asyncio.get_running_loop()
+        if self.raft.snapshot_meta.index > self.applied_index:
+            # An incoming snapshot was accepted but not applied yet: our state machine is
+            # older than the log's base, so a snapshot now would be mislabelled. Skip.
+            return None
         data = self._encode_snapshot()
         meta = self.raft.compact(self.applied_index)
         self._snapshot = (meta, data)

@@ -138,7 +138,6 @@ class Writer:
 
 # ---------------------------------------------------------------- cluster scenarios
 
-@pytest.mark.slow
 @pytest.mark.parametrize("victim", ["follower", "leader"])
 def test_exactly_once_across_kill9_of_watched_member(make_cluster, victim):
     """kill -9 of the member a watcher streams from (a follower; the leader, which also
@@ -169,7 +168,6 @@ def test_exactly_once_across_kill9_of_watched_member(make_cluster, victim):
         check(cl.endpoints, c, "/kw", base + 1, col.groups, wr.acked)
 
 
-@pytest.mark.slow
 def test_exactly_once_with_random_client_disconnects(shared_cluster):
     """The watcher's connection is cut at random moments (also mid-frame); every revision
     still arrives once, in order, with its data."""
@@ -379,7 +377,6 @@ def agent_factory(tmp_path):
         a.kill(signal.SIGTERM)
 
 
-@pytest.mark.slow
 def test_local_watchers_share_one_stream_and_survive_agent_restart(shared_cluster, agent_factory):
     """Several watchers on the agent's socket cost the cluster one stream; across kill -9 and
     restart of the agent each resumes exactly once, in order, against committed history."""
