@@ -210,7 +210,7 @@ def _print_tour(endpoints: list[str], mountpoint: str | None, base_dir: str) -> 
         lines += [f"  cat {mp}/services/db/primary        # a local file read, no network",
                   f"  ls -l {mp}/services",
                   f"  cat {mp}/.afs/status                # replica revision and staleness"]
-    lines += ["  afs watch /features -o json          # (if available) stream changes",
+    lines += ["  afs watch /features -o json          # stream changes (Ctrl-C to stop)",
               "", f"(the afs command is in .venv/bin; data and logs under {base_dir}/; Ctrl-C stops everything)"]
     click.echo("\n".join(lines), err=True)
     sys.stderr.flush()
