@@ -156,4 +156,13 @@ def run_agent(cfg: AgentConfig) -> int:
     except (errors.AfsError, OSError) as exc:
         log.error("event=startup_failed error=%s", exc)
         return 1
-    return agent.run()
+    try:
+        return agent.run()
+    except (errors.AfsError, OSError) as exc:     # e.g. the local watch socket cannot be bound
+        where = f" (local watch socket {cfg.socket_path})" if cfg.socket_path else ""
+        log.error("event=startup_failed error=%s%s", exc, where)
+        try:
+            agent.stop()
+        except Exception:  # noqa: BLE001 - best effort on a failed start
+            pass
+        return 1
