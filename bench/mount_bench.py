@@ -20,13 +20,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from afs.testing.fusectl import DevControl
 
 REPO = Path(__file__).resolve().parents[1]
 FILE = "/f1k"
@@ -38,19 +39,7 @@ def payload(i: int = 0) -> bytes:
     return (f"{i:08d}".encode() * 128)[:1024]
 
 
-class Control:
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-
-    def call(self, **req) -> dict:
-        self.f.write(json.dumps(req).encode() + b"\n")
-        self.f.flush()
-        resp = json.loads(self.f.readline())
-        if not resp.get("ok"):
-            raise RuntimeError(resp)
-        return resp
+Control = DevControl
 
 
 def read_loop(path: str, n: int) -> float:

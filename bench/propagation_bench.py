@@ -27,7 +27,6 @@ Needs root (FUSE mounts with allow_other). Everything it starts is stopped and u
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing as mp
 import os
 import shutil

@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import io
 import json
 import math
 import os

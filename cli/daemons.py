@@ -15,7 +15,7 @@ import time
 import click
 
 from afs import errors
-from afs.config import AgentConfig, ServerConfig, load, parse_initial_cluster
+from afs.config import AgentConfig, ServerConfig, load
 
 
 @click.command("server")

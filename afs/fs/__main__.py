@@ -145,7 +145,7 @@ def _serve_control(sock_path: str, replica: MemReplica, mount, status: dict) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from afs.fs.mount import Mount, MountError   # the binding is imported only here
+    from afs.fs.mount import Mount   # the binding is imported only here
 
     ap = argparse.ArgumentParser(prog="python -m afs.fs", description=__doc__.splitlines()[0])
     ap.add_argument("mountpoint")

@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 import msgpack
 
 from afs import errors, ops
+from afs.testing.fusectl import fuse_available
 from afs.client import Client
 from afs.testing import checker, netns
 from afs.testing.cluster import ClusterError, ProcessCluster
@@ -178,16 +179,6 @@ class AgentHost:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-
-def fuse_available() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "no fusermount3"
-    if os.geteuid() != 0:
-        return "not root"
-    return None
 
 
 # ------------------------------------------------------------------ the run

@@ -995,7 +995,7 @@ class Simulation:
                 for n in members:
                     if n.up:
                         n.crash_point = point
-                self.tr(f"armed crash point after_vote everywhere")
+                self.tr("armed crash point after_vote everywhere")
                 if leader is not None and r.random() < 0.7:
                     self.crash_node(leader)
                     self.restart_later(leader, r.randint(0, 300))

@@ -11,7 +11,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,47 +18,40 @@ from pathlib import Path
 
 import pytest
 
+from afs.testing.fusectl import DevControl, fuse_available  # noqa: F401 (re-exported)
+
 REPO = Path(__file__).resolve().parents[2]
 
 
-def fuse_available() -> str | None:
-    if not os.path.exists("/dev/fuse"):
-        return "no /dev/fuse"
-    if shutil.which("fusermount3") is None:
-        return "no fusermount3"
-    if os.geteuid() != 0:
-        return "the mount tests run as root (allow_other, setuid children)"
+Control = DevControl
+
+
+def read(path: str) -> bytes:
+    """One open+read+close of up to 2 MiB."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.read(fd, 1 << 21)
+    finally:
+        os.close(fd)
+
+
+def errno_of(fn, *args) -> int | None:
+    """The errno ``fn(*args)`` fails with, or None if it succeeds."""
+    try:
+        fn(*args)
+    except OSError as e:
+        return e.errno
     return None
 
 
-class Control:
-    """Client of the daemon's control socket (one JSON line per request/reply)."""
-
-    def __init__(self, path: str):
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(path)
-        self.f = self.sock.makefile("rwb")
-
-    def call(self, **req) -> dict:
-        self.f.write(json.dumps(req).encode() + b"\n")
-        self.f.flush()
-        line = self.f.readline()
-        if not line:
-            raise RuntimeError("control channel closed")
-        resp = json.loads(line)
-        if not resp.get("ok"):
-            raise RuntimeError(f"control call failed: {resp}")
-        return resp
-
-    def apply(self, put: dict | None = None, delete: list[str] | None = None) -> dict:
-        return self.call(op="apply", put=put or {}, delete=delete or [])
-
-    def close(self) -> None:
-        try:
-            self.f.close()
-            self.sock.close()
-        except OSError:
-            pass
+def cat_as(uid: int, gid: int, path: str) -> subprocess.CompletedProcess:
+    """``cat path`` in a child that dropped to uid/gid (no supplementary groups)."""
+    def drop():
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    return subprocess.run(["/bin/cat", path], capture_output=True, text=True, preexec_fn=drop,
+                          cwd="/", timeout=30)
 
 
 class MountedFs:

@@ -10,12 +10,10 @@ marker and waits until the mount serves it, after which checks need no polling a
 from __future__ import annotations
 
 import errno
-import json
 import os
 import signal
 import stat
 import subprocess
-import sys
 import threading
 import time
 
@@ -23,34 +21,9 @@ import pytest
 
 from afs import ops
 from afs.tree import KeyTree
-from tests.fuse.conftest import REPO, afs_argv
+from tests.fuse.conftest import REPO, afs_argv, cat_as, errno_of, read
 
 pytestmark = pytest.mark.fuse
-
-
-def read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 1 << 21)
-    finally:
-        os.close(fd)
-
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
-
-
-def cat_as(uid: int, gid: int, path: str) -> subprocess.CompletedProcess:
-    def drop():
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return subprocess.run(["/bin/cat", path], capture_output=True, text=True, preexec_fn=drop,
-                          cwd="/", timeout=30)
 
 
 def settle(agent, client, marker: str = "/_settle") -> int:

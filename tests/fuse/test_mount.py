@@ -12,35 +12,10 @@ import time
 
 import pytest
 
-from tests.fuse.conftest import FIXTURE, REPO, fuse_available, start_daemon, stop_daemon
+from tests.fuse.conftest import (FIXTURE, REPO, cat_as, errno_of, fuse_available, read,
+                                 start_daemon, stop_daemon)
 
 pytestmark = pytest.mark.fuse
-
-
-def read(path: str) -> bytes:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        return os.read(fd, 1 << 20)
-    finally:
-        os.close(fd)
-
-
-def errno_of(fn, *args) -> int | None:
-    try:
-        fn(*args)
-    except OSError as e:
-        return e.errno
-    return None
-
-
-def cat_as(uid: int, gid: int, path: str) -> subprocess.CompletedProcess:
-    """``cat path`` in a child that dropped to uid/gid (no supplementary groups)."""
-    def drop():
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
-    return subprocess.run(["/bin/cat", path], capture_output=True, text=True, preexec_fn=drop,
-                          cwd="/", timeout=30)
 
 
 # ---------------------------------------------------------------------------------------------
