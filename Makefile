@@ -48,7 +48,7 @@ bench: setup
 	$(BIN)/python -m bench.run $(if $(QUICK),--quick,)
 
 chaos: setup
-	$(BIN)/python -m afs.testing.chaos --profile long
+	$(BIN)/python -m afs.testing.chaos --profile long --sync-tracker
 
 clean:
 	rm -rf $(VENV) *.egg-info build dist demo-data .pytest_cache .hypothesis
