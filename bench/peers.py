@@ -250,6 +250,28 @@ def fanout_summary(lat_rounds: list[list[float]], watchers: int, method: str) ->
     return out
 
 
+def _run_watch_tasks(n: int, targets: list, one, stop: threading.Event, errors_out: list) -> None:
+    """Run ``one(k, target, started)`` for k in 0..n-1 (targets round-robin) on a new event
+    loop in this thread until ``stop``; the first task failure goes to ``errors_out``."""
+    async def main() -> None:
+        started: list = []
+        tasks = []
+        for k in range(n):
+            tasks.append(asyncio.create_task(one(k, targets[k % len(targets)], started)))
+            if k % 50 == 49:
+                await asyncio.sleep(0)
+        while not stop.is_set():
+            await asyncio.sleep(0.05)
+            for t in tasks:
+                if t.done() and t.exception() is not None and not errors_out:
+                    errors_out.append(repr(t.exception()))
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    asyncio.run(main())
+
+
 # ============================================================================ AFS
 
 def _afs_raw_watchers_loop(addrs: list[str], n: int, path: str, start_rev: int,
@@ -260,7 +282,7 @@ def _afs_raw_watchers_loop(addrs: list[str], n: int, path: str, start_rev: int,
     spread over ``addrs``: members' HOST:PORT or an agent's ``unix:/path``); calls
     ``on_value(watcher, data, t)`` for each event on ``path``."""
     from afs import wire
-    gate: asyncio.Semaphore | None = None
+    gate = asyncio.Semaphore(32)     # binds to the watcher thread's loop on first use
 
     async def open_connection(addr: str):
         if addr.startswith("unix:"):
@@ -315,25 +337,7 @@ def _afs_raw_watchers_loop(addrs: list[str], n: int, path: str, start_rev: int,
         finally:
             writer.close()
 
-    async def main() -> None:
-        nonlocal gate
-        gate = asyncio.Semaphore(32)
-        acked: list = []
-        tasks = []
-        for k in range(n):
-            tasks.append(asyncio.create_task(one(k, addrs[k % len(addrs)], acked)))
-            if k % 50 == 49:
-                await asyncio.sleep(0)
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-            for t in tasks:
-                if t.done() and t.exception() is not None and not errors_out:
-                    errors_out.append(repr(t.exception()))
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    _run_watch_tasks(n, addrs, one, stop, errors_out)
 
 
 class AfsBench:
@@ -619,23 +623,7 @@ def _etcd_watchers_loop(ports: list[int], n: int, key: str, ready: threading.Eve
         finally:
             writer.close()
 
-    async def main() -> None:
-        created: list = []
-        tasks = []
-        for k in range(n):
-            tasks.append(asyncio.create_task(one(k, ports[k % len(ports)], created)))
-            if k % 50 == 49:
-                await asyncio.sleep(0)
-        while not stop.is_set():
-            await asyncio.sleep(0.05)
-            for t in tasks:
-                if t.done() and t.exception() is not None and not errors_out:
-                    errors_out.append(repr(t.exception()))
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-    asyncio.run(main())
+    _run_watch_tasks(n, ports, one, stop, errors_out)
 
 
 def etcd_fanout(sysm: EtcdCluster, c, P: Params) -> dict:
