@@ -93,7 +93,6 @@ class RaftNode:
 
     def __init__(self, node_id: str, storage, sm: StateMachine, *, config: NodeConfig | None = None,
                  bootstrap: dict[str, dict] | None = None,
-                 on_applied: Callable[[int, Any], None] | None = None,
                  on_snapshot_installed: Callable[[SnapshotMeta], None] | None = None,
                  on_fatal: Callable[[BaseException], None] | None = None,
                  seed: int | None = None):
@@ -103,7 +102,6 @@ class RaftNode:
         self.storage = storage
         self.sm = sm
         self.transport = None
-        self.on_applied = on_applied
         self.on_snapshot_installed = on_snapshot_installed
         self.on_fatal = on_fatal
         self.members: dict[str, dict] = {}
@@ -457,8 +455,6 @@ class RaftNode:
                         fut.set_result(result)
                     else:
                         fut.set_exception(errors.ProposalDropped("a new leader overwrote the request; retry"))
-            if self.on_applied:
-                self.on_applied(e.index, result)
         # Proposals below the applied index that never showed up were overwritten.
         if self._proposals and min(self._proposals) <= self.applied_index:
             for idx in [i for i in self._proposals if i <= self.applied_index]:
@@ -507,11 +503,6 @@ class RaftNode:
             _, _, fut = heapq.heappop(w)
             if not fut.done():
                 fut.set_result(self.applied_index)
-
-    async def wait_applied(self, index: int, timeout: float = 5.0) -> int:
-        fut = asyncio.get_running_loop().create_future()
-        self._wait_applied(index, fut)
-        return await self._await(fut, timeout, "catch-up")
 
     # ------------------------------------------------------------ snapshots
     def _maybe_snapshot(self, loop) -> None:
